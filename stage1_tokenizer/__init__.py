@@ -1,0 +1,1 @@
+"""Stage one: the VQ-GAN image tokenizer and its quantizers."""

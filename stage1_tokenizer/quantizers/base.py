@@ -1,0 +1,148 @@
+"""The contract every quantizer shares, and the pieces of it that are the same for all of them.
+
+A quantizer maps encoder output ``z`` of shape ``[B, D, H, W]`` to the nearest entries of a codebook of
+``K`` codes. Every quantizer returns a :class:`QuantizerOutput`; every quantizer exposes its effective
+``[K, D]`` codebook as ``.codebook`` (computed, for SimVQ and TransVQ), ``embed(indices)`` and
+``set_step(step)``. Distances and the argmin always run in float32, also under bf16 autocast: a bf16
+distance has ~3 significant digits, enough to flip the winner between two close codes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Rows of the N x K distance matrix processed at once. 256 rows x 8192 codes x 4 bytes = 8 MiB: large
+# enough for the matmul to run at full speed, small enough that a 65,536-code book never materialises
+# an N x K matrix (N = 65,536 would be 16 GiB).
+DEFAULT_CHUNK_ELEMENTS = 256 * 8192
+
+
+@dataclass
+class QuantizerOutput:
+    """What every quantizer returns.
+
+    Attributes:
+        quantized: ``[B, D, H, W]``; its value is the chosen codes, its gradient reaches ``z`` straight through.
+        indices: ``long [B, H, W]``, the chosen code of every latent.
+        loss: scalar, every loss term of the quantizer with its weight.
+        perplexity: scalar, ``exp(entropy)`` of this batch's code histogram.
+    """
+
+    quantized: Tensor
+    indices: Tensor
+    loss: Tensor
+    perplexity: Tensor
+
+
+class Quantizer(nn.Module):
+    """Base class: argument checks, flattening, float32 nearest-code search, lookups, perplexity."""
+
+    def __init__(self, codebook_size: int, dim: int, beta: float = 0.25):
+        super().__init__()
+        if not isinstance(codebook_size, int) or codebook_size < 2:
+            raise ValueError(f"codebook_size must be an integer >= 2, got {codebook_size!r}")
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        if not (beta >= 0 and math.isfinite(beta)):
+            raise ValueError(f"beta (commitment weight) must be a finite number >= 0, got {beta!r}")
+        self.codebook_size = codebook_size
+        self.dim = dim
+        self.beta = float(beta)
+
+    # -- what subclasses provide -------------------------------------------------------------------
+    @property
+    def codebook(self) -> Tensor:
+        """The effective ``[K, D]`` codebook used for the argmin and the lookup."""
+        raise NotImplementedError
+
+    def set_step(self, step: int) -> None:
+        """Advance step-dependent schedules (NS-VQ's tau). A no-op for quantizers without one."""
+
+    # -- shared pieces -----------------------------------------------------------------------------
+    def flatten(self, z: Tensor) -> Tensor:
+        """Check ``z`` and return it as ``[N, D]`` (channels last), N = B * H * W."""
+        if not isinstance(z, Tensor) or z.dim() != 4:
+            shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+            raise ValueError(f"expected latents of shape [B, D, H, W], got {shape}")
+        if z.shape[1] != self.dim:
+            raise ValueError(
+                f"latent channel dimension {z.shape[1]} does not match the quantizer's dim={self.dim}; "
+                "set the quantizer's dim to the encoder's output channels"
+            )
+        if not torch.isfinite(z).all():
+            raise ValueError(
+                "latents contain NaN or inf; the encoder diverged (lower the learning rate or enable "
+                "gradient clipping) or the input images are corrupt"
+            )
+        return z.permute(0, 2, 3, 1).reshape(-1, self.dim)
+
+    @staticmethod
+    def unflatten(flat: Tensor, like: Tensor) -> Tensor:
+        """``[N, D]`` back to the ``[B, D, H, W]`` layout of ``like``."""
+        b, d, h, w = like.shape
+        return flat.reshape(b, h, w, d).permute(0, 3, 1, 2)
+
+    def embed(self, indices: Tensor) -> Tensor:
+        """Look codes up: ``long [B, H, W]`` -> ``[B, D, H, W]``."""
+        if indices.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"indices must be an integer tensor, got {indices.dtype}")
+        if indices.numel() and (indices.min() < 0 or indices.max() >= self.codebook_size):
+            raise ValueError(
+                f"indices must lie in [0, {self.codebook_size}), got range "
+                f"[{int(indices.min())}, {int(indices.max())}]"
+            )
+        codes = F.embedding(indices.long(), self.codebook)
+        return codes.permute(0, 3, 1, 2).contiguous()
+
+    def perplexity(self, indices: Tensor) -> Tensor:
+        counts = torch.bincount(indices.reshape(-1), minlength=self.codebook_size).float()
+        probs = counts / counts.sum().clamp_min(1)
+        entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum()
+        return entropy.exp()
+
+
+def nearest_codes(flat: Tensor, codebook: Tensor, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> Tensor:
+    """Index of the nearest code (squared Euclidean) for every row of ``flat``, in float32, in row chunks.
+
+    ``||z - c||^2 = ||z||^2 - 2 z.c + ||c||^2``; ``||z||^2`` is constant per row, so the argmin needs only
+    ``||c||^2 - 2 z.c``, one fused ``addmm`` per chunk.
+    """
+    with torch.autocast(device_type=flat.device.type, enabled=False), torch.no_grad():
+        z = flat.detach().float()
+        c = codebook.detach().float()
+        c_sq = c.pow(2).sum(1)
+        rows = max(1, chunk_elements // c.shape[0])
+        out = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
+        for start in range(0, z.shape[0], rows):
+            block = torch.addmm(c_sq, z[start : start + rows], c.t(), beta=1.0, alpha=-2.0)
+            out[start : start + rows] = block.argmin(1)
+        return out
+
+
+def squared_distances(flat: Tensor, codebook: Tensor) -> Tensor:
+    """Full ``[N, K]`` float32 squared distances (clamped at 0). For small problems and references."""
+    with torch.autocast(device_type=flat.device.type, enabled=False):
+        z = flat.float()
+        c = codebook.float()
+        d = z.pow(2).sum(1, keepdim=True) - 2 * z @ c.t() + c.pow(2).sum(1)
+        return d.clamp_min(0)
+
+
+def straight_through(z: Tensor, q: Tensor) -> Tensor:
+    """Forward value ``q``, gradient to ``z`` unchanged (van den Oord et al. 2017)."""
+    return z + (q - z).detach()
+
+
+def commitment_and_codebook_loss(z: Tensor, q: Tensor, beta: float) -> Tensor:
+    """VQ-VAE loss ``||sg(z) - q||^2 + beta ||z - sg(q)||^2``, means over latents and dims.
+
+    beta sits on the commitment term (the encoder side). taming-transformers' "legacy" variant puts it on
+    the codebook term instead; we do not.
+    """
+    z32, q32 = z.float(), q.float()
+    return F.mse_loss(q32, z32.detach()) + beta * F.mse_loss(z32, q32.detach())

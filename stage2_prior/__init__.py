@@ -1,0 +1,1 @@
+"""Stage two: token-grid datasets and the autoregressive prior."""
