@@ -7,10 +7,21 @@
 from __future__ import annotations
 
 from .base import Quantizer, QuantizerOutput
+from .ema import EMAQuantizer
+from .fc import FactorizedQuantizer
+from .nsvq import NonStationaryVQ
+from .simvq import SimVQ
+from .transvq import TransVQ
+from .usage import CodebookUsage
 from .vq import VectorQuantizer
 
 QUANTIZERS: dict[str, type[Quantizer]] = {
     "vq": VectorQuantizer,
+    "ema": EMAQuantizer,
+    "fc": FactorizedQuantizer,
+    "simvq": SimVQ,
+    "nsvq": NonStationaryVQ,
+    "transvq": TransVQ,
 }
 
 
@@ -25,4 +36,4 @@ def build_quantizer(name: str, codebook_size: int, dim: int, **options) -> Quant
         raise ValueError(f"bad option for quantizer {name!r}: {err}") from None
 
 
-__all__ = ["QUANTIZERS", "Quantizer", "QuantizerOutput", "build_quantizer"]
+__all__ = ["QUANTIZERS", "CodebookUsage", "Quantizer", "QuantizerOutput", "build_quantizer"]

@@ -20,6 +20,8 @@ from torch import Tensor, nn
 # enough for the matmul to run at full speed, small enough that a 65,536-code book never materialises
 # an N x K matrix (N = 65,536 would be 16 GiB).
 DEFAULT_CHUNK_ELEMENTS = 256 * 8192
+# Codes are scanned in contiguous groups of this many for the argmin (see grouped_argmin).
+ARGMIN_GROUP = 64
 
 
 @dataclass
@@ -106,21 +108,73 @@ class Quantizer(nn.Module):
         return entropy.exp()
 
 
+def search_codebook(codebook: Tensor) -> tuple[Tensor, Tensor]:
+    """The codebook laid out for :func:`grouped_argmin`: float32, padded with zero rows to a multiple of
+    ``ARGMIN_GROUP``, and its squared norms with ``+inf`` on the padding, so a padded code never wins.
+
+    Args:
+        codebook: ``[K, D]``.
+
+    Returns:
+        ``[K_pad, D]`` codes and ``[K_pad]`` squared norms, ``K_pad = ARGMIN_GROUP * ceil(K / ARGMIN_GROUP)``.
+    """
+    codes = codebook.detach().float()
+    sq_norms = codes.pow(2).sum(1)
+    padding = -codes.shape[0] % ARGMIN_GROUP
+    if padding:
+        codes = torch.cat([codes, codes.new_zeros(padding, codes.shape[1])])
+        sq_norms = torch.cat([sq_norms, sq_norms.new_full((padding,), math.inf)])
+    return codes, sq_norms
+
+
+def grouped_argmin(scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Row minima of ``scores`` and the first index where each is reached: ``scores.min(1)``, faster.
+
+    torch's ``argmin`` over a row does not vectorise (measured on this project's 2-core AVX2 CPU: it costs
+    half as much as the distance matmul itself at K = 8192); a min over each contiguous group of
+    ``ARGMIN_GROUP`` columns does. So: group minima, the first group holding the row minimum, the first
+    position of that minimum inside the group. Same index as ``argmin`` (first occurrence), a fifth of
+    the cost.
+
+    Args:
+        scores: ``[rows, K_pad]`` float, ``K_pad`` a multiple of ``ARGMIN_GROUP``, last dimension contiguous.
+
+    Returns:
+        ``[rows]`` minima, ``long [rows]`` their first indices, ``[rows, K_pad / ARGMIN_GROUP]`` group minima.
+    """
+    rows, width = scores.shape
+    groups = scores.unflatten(1, (width // ARGMIN_GROUP, ARGMIN_GROUP))
+    group_minima = groups.amin(2)
+    best_group = group_minima.argmin(1)
+    inside = groups[torch.arange(rows, device=scores.device), best_group].argmin(1)
+    minima = group_minima.gather(1, best_group.unsqueeze(1)).squeeze(1)
+    return minima, best_group * ARGMIN_GROUP + inside, group_minima
+
+
 def nearest_codes(flat: Tensor, codebook: Tensor, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> Tensor:
     """Index of the nearest code (squared Euclidean) for every row of ``flat``, in float32, in row chunks.
 
     ``||z - c||^2 = ||z||^2 - 2 z.c + ||c||^2``; ``||z||^2`` is constant per row, so the argmin needs only
-    ``||c||^2 - 2 z.c``, one fused ``addmm`` per chunk.
+    ``||c||^2 - 2 z.c``, one fused ``addmm`` per chunk, written into one reused buffer.
+
+    Args:
+        flat: ``[N, D]`` latents.
+        codebook: ``[K, D]``.
+        chunk_elements: rows per chunk times K_pad, the size of the distance buffer.
+
+    Returns:
+        ``long [N]``.
     """
     with torch.autocast(device_type=flat.device.type, enabled=False), torch.no_grad():
         z = flat.detach().float()
-        c = codebook.detach().float()
-        c_sq = c.pow(2).sum(1)
-        rows = max(1, chunk_elements // c.shape[0])
+        codes, sq_norms = search_codebook(codebook)
+        rows = max(1, min(z.shape[0], chunk_elements // codes.shape[0]))
+        buffer = z.new_empty(rows, codes.shape[0])
         out = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
         for start in range(0, z.shape[0], rows):
-            block = torch.addmm(c_sq, z[start : start + rows], c.t(), beta=1.0, alpha=-2.0)
-            out[start : start + rows] = block.argmin(1)
+            chunk = z[start : start + rows]
+            scores = torch.addmm(sq_norms, chunk, codes.t(), beta=1.0, alpha=-2.0, out=buffer[: chunk.shape[0]])
+            out[start : start + rows] = grouped_argmin(scores)[1]
         return out
 
 
