@@ -274,11 +274,20 @@ class ReconstructionMetrics:
         lpips_net: LPIPS backbone, ``"alex"`` (the usual metric) or ``"vgg"``.
         with_fid: also accumulate rFID. The Inception pass dominates the cost (a few images/s on a CPU) and
             FID means little below thousands of images, so quick evaluations may leave it out.
+        keep_real_fid: keep the real images' Inception statistics across :meth:`reset`, so that a generated
+            set can afterwards be measured against the same reference (``self.fid.update_fake`` then
+            ``self.fid.compute()``) without a second Inception pass over the real images.
     """
 
-    def __init__(self, device: str | torch.device = "cpu", lpips_net: LpipsNet = "alex", with_fid: bool = True):
+    def __init__(
+        self,
+        device: str | torch.device = "cpu",
+        lpips_net: LpipsNet = "alex",
+        with_fid: bool = True,
+        keep_real_fid: bool = False,
+    ):
         self.device = torch.device(device)
-        self.fid = FIDAccumulator(self.device) if with_fid else None
+        self.fid = FIDAccumulator(self.device, keep_real=keep_real_fid) if with_fid else None
         self.lpips = lpips_network(lpips_net).to(self.device)
         self.lpips_mean = MeanMetric().to(self.device)
         # Defaults of torchmetrics = those of Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K = (0.01, 0.03).
