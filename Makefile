@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python scripts/drift_benchmark.py --quick --out outputs/demo
+	$(BIN)/python scripts/train.py --config configs/demo_tiny.yaml --output_dir outputs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
