@@ -109,12 +109,12 @@ def save_config(config, path: str | Path) -> None:
     path.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
 
 
-def _check_choice(name: str, value, choices: Sequence) -> None:
+def check_choice(name: str, value, choices: Sequence) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not one of {list(choices)}")
 
 
-def _check_positive(config, names: Sequence[str], allow_zero: bool = False) -> None:
+def check_positive(config, names: Sequence[str], allow_zero: bool = False) -> None:
     for name in names:
         value = getattr(config, name)
         if value is None:
@@ -194,19 +194,19 @@ class TokenizerTrainingConfig:
     report_to: Literal["tensorboard", "none"] = "tensorboard"
 
     def __post_init__(self):
-        _check_choice("quantizer", self.quantizer, sorted(QUANTIZERS))
-        _check_choice("pixel_loss", self.pixel_loss, ("mse", "l1"))
-        _check_choice("lr_schedule", self.lr_schedule, ("constant", "cosine", "exponential"))
-        _check_choice("mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
-        _check_choice("report_to", self.report_to, ("tensorboard", "none"))
-        _check_positive(
+        check_choice("quantizer", self.quantizer, sorted(QUANTIZERS))
+        check_choice("pixel_loss", self.pixel_loss, ("mse", "l1"))
+        check_choice("lr_schedule", self.lr_schedule, ("constant", "cosine", "exponential"))
+        check_choice("mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        check_choice("report_to", self.report_to, ("tensorboard", "none"))
+        check_positive(
             self,
             ("codebook_size", "latent_channels", "image_size", "max_steps", "batch_size",
              "gradient_accumulation_steps", "learning_rate", "checkpoint_every", "keep_last", "log_every",
              "image_every", "num_images", "lr_decay_steps", "disc_learning_rate", "max_grad_norm",
              "disc_channels", "disc_layers"),
         )
-        _check_positive(
+        check_positive(
             self,
             ("pixel_weight", "perceptual_weight", "quantizer_weight", "gan_weight", "disc_start_step",
              "weight_decay", "lr_warmup_steps", "num_grid_images", "dataloader_num_workers"),

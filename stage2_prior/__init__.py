@@ -1,5 +1,6 @@
 """Stage two: token-grid datasets and the autoregressive prior."""
 
+from .conditioning import AttributeClasses
 from .prior import PREFIX_LENGTH, PRIOR_SIZES, ImageTokenPrior, build_prior
 from .sampling import sample_grids
 from .token_dataset import (
@@ -9,11 +10,14 @@ from .token_dataset import (
     tokenize_dataset,
     tokenizer_fingerprint,
 )
+from .training import PriorTrainingConfig, train_prior
 
 __all__ = [
     "PREFIX_LENGTH",
     "PRIOR_SIZES",
+    "AttributeClasses",
     "ImageTokenPrior",
+    "PriorTrainingConfig",
     "TokenDatasetInfo",
     "TokenGridDataset",
     "build_prior",
@@ -21,4 +25,5 @@ __all__ = [
     "sample_grids",
     "tokenize_dataset",
     "tokenizer_fingerprint",
+    "train_prior",
 ]

@@ -29,13 +29,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from stage1_tokenizer.checkpoints import CheckpointManager
-from stage1_tokenizer.config import _check_choice, _check_positive, save_config
+from stage1_tokenizer.config import check_choice, check_positive, save_config
 
 from .conditioning import AttributeClasses
 from .prior import PRIOR_SIZES, ImageTokenPrior, build_prior
@@ -44,6 +44,8 @@ from .token_dataset import TokenGridDataset, check_same_tokenizer, load_token_da
 logger = logging.getLogger(__name__)
 
 PRIOR_FOLDER = "prior"
+CHECKPOINTS_FOLDER = "checkpoints"
+LOGS_FOLDER = "logs"
 RESULT_FILE = "result.json"
 
 
@@ -92,16 +94,16 @@ class PriorTrainingConfig:
     report_to: Literal["tensorboard", "none"] = "tensorboard"
 
     def __post_init__(self):
-        _check_choice("prior_size", self.prior_size, sorted(PRIOR_SIZES))
-        _check_choice("mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
-        _check_choice("report_to", self.report_to, ("tensorboard", "none"))
-        _check_positive(
+        check_choice("prior_size", self.prior_size, sorted(PRIOR_SIZES))
+        check_choice("mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
+        check_choice("report_to", self.report_to, ("tensorboard", "none"))
+        check_positive(
             self,
             ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_steps", "batch_size",
              "gradient_accumulation_steps", "learning_rate", "max_grad_norm", "checkpoint_every", "keep_last",
              "eval_every", "eval_batch_size", "log_every"),
         )
-        _check_positive(self, ("lr_warmup_steps", "weight_decay"), allow_zero=True)
+        check_positive(self, ("lr_warmup_steps", "weight_decay"), allow_zero=True)
         if not 0 <= self.label_dropout < 1:
             raise ValueError(f"label_dropout must lie in [0, 1), got {self.label_dropout!r}")
 
@@ -242,6 +244,9 @@ def _tracker_config(cfg: PriorTrainingConfig) -> dict:
 def train_prior(cfg: PriorTrainingConfig) -> dict:
     """Train (or resume training) a prior; save it with ``save_pretrained`` to ``output_dir/prior``.
 
+    ``output_dir`` also gets ``checkpoints/checkpoint-<step>``, ``logs/`` (TensorBoard),
+    ``training_config.yaml`` and ``result.json``.
+
     Every process must call this (under ``accelerate launch`` or plain ``python``).
 
     Args:
@@ -267,7 +272,7 @@ def train_prior(cfg: PriorTrainingConfig) -> dict:
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=mixed_precision,
         log_with="tensorboard" if cfg.report_to == "tensorboard" else None,
-        project_dir=str(output_dir),
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / LOGS_FOLDER)),
     )
     set_seed(cfg.seed)
     data = load_token_dataset(cfg.token_dataset, expected_tokenizer=cfg.expected_tokenizer)
@@ -288,7 +293,7 @@ def train_prior(cfg: PriorTrainingConfig) -> dict:
     accelerator.register_for_checkpointing(scheduler)
     prior = accelerator.unwrap_model(model)
 
-    manager = CheckpointManager(accelerator, output_dir, keep_last=cfg.keep_last)
+    manager = CheckpointManager(accelerator, output_dir / CHECKPOINTS_FOLDER, keep_last=cfg.keep_last)
     checkpoint = manager.resolve(cfg.resume_from_checkpoint)
     if checkpoint is not None:
         state = manager.read_state(checkpoint)
