@@ -116,7 +116,9 @@ class TransVQ(Quantizer):
     def __init__(self, codebook_size: int, dim: int, beta: float = 0.25, width: int = 256):
         super().__init__(codebook_size, dim, beta)
         if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ValueError(f"width (channels of the codebook transformer) must be a positive integer, got {width!r}")
+            raise ValueError(
+                f"width (channels of the codebook transformer) must be a positive integer (256 in the paper); got {width!r}"
+            )
         self.width = width
         self.register_buffer("base_codebook", torch.randn(codebook_size, dim) / math.sqrt(dim))
         self.transformer = CodebookTransformer(codebook_size, dim, width)
