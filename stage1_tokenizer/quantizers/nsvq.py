@@ -12,20 +12,22 @@ and never win again. NS-VQ pulls every code near a current latent toward it, wit
 As tau -> 0 the kernel vanishes and NS-VQ is plain vq. tau follows a schedule of the training step
 (``tau_schedule.py``).
 
-How it is computed (nothing of size N x K x D, and no N x K matrix either). The gradient on a code is
-``(2 / (N D)) (s_k c_k - m_k)`` with ``s = W^T 1`` and ``m = W^T Z``, and the loss is
-``(1 / (N D)) sum_k (s_k ||c_k||^2 - 2 c_k.m_k + u_k)`` with ``u = W^T ||z||^2``. So one pass over chunks of
-rows computes the distances (float32, shared with the argmin), the weights, and ``W^T [Z, 1, ||z||^2]``
-with one matmul per chunk; the backward pass is O(K D). The weights are kept factored,
-``W = diag(g) X`` with ``g_i = lambda K / sum_k exp(...)``, so the per-row scale lands on the small
-``[rows, D + 2]`` operand instead of costing a pass over the ``[rows, K]`` block.
+How it is computed: no tensor of size N x K x D, and no N x K matrix either. With ``W_soft`` the weights
+of the non-winners (winner's weight 0), the gradient on a code is
+``(2 / (N D)) [sum_{i: q_i = k} (c_k - z_i) + s_k c_k - m_k]`` with ``s = W_soft^T 1``, ``m = W_soft^T Z``,
+and ``N D L_emb = sum_i ||z_i - c_qi||^2 + sum_k (s_k ||c_k||^2 - 2 c_k.m_k + u_k)``, ``u = W_soft^T ||z||^2``.
+One pass over chunks of rows of z computes the distances (float32, shared with the argmin, which equals
+vq's), the weights, and ``W_soft^T [Z, 1, ||z||^2]`` with one matmul per chunk: memory O(rows * K), and the
+backward pass is O(K D). The winners' terms are computed directly, without the expansion's cancellation.
+The weights stay factored, ``W_soft = diag(g) X`` with ``g_i = lambda K / sum_k exp(-(d_ik - d_iq) / tau)``,
+so the per-row scale lands on the small ``[rows, D + 2]`` operand instead of costing a pass over the block.
 
-Exact sparsity. ``exp`` of anything below ``2^-150`` is exactly 0 in float32. The argmin already computes
-the minimum distance of every group of 64 codes; a group whose nearest code is that far out in the kernel
-holds only exact zeros, and a chunk whose live groups are few skips the dead ones in the exponential and
-in the matmul. Nothing is approximated: the result is the dense result up to summation order. Early in
-training (codes bunched near the origin) every weight is nonzero and the dense path runs; once tau is
-small next to the spread of the codes (it decays), most groups are dead.
+Exact sparsity. Kernel values at or below ``2^-126`` count as 0 (see ``DEAD_EXPONENT``). The argmin
+already computes the minimum distance of every group of 64 codes; a group whose nearest code is that far
+out in the kernel holds only zeros, and a chunk whose live (latent, group) pairs are few skips the dead
+ones in the exponential and in the matmul. Nothing is approximated: the result is the dense result up to
+summation order. Early in training (codes bunched near the origin) every weight is nonzero and the dense
+path runs; once tau is small next to the spacing of the codes (tau decays), most groups are dead.
 """
 
 from __future__ import annotations
@@ -38,8 +40,10 @@ from torch import Tensor, nn
 
 from .base import (
     ARGMIN_GROUP,
+    DEFAULT_CHUNK_ELEMENTS,
     Quantizer,
     QuantizerOutput,
+    chunk_rows,
     grouped_argmin,
     nearest_codes,
     search_codebook,
@@ -47,18 +51,19 @@ from .base import (
 )
 from .tau_schedule import build_tau_schedule
 
-# exp2(x) rounds to exactly 0 in float32 for x < -150 (the smallest denormal is 2^-149, 2^-150 rounds to
-# even, i.e. to 0). One unit of margin: a group whose largest exponent lies below this bound is all zeros.
-DEAD_EXPONENT = -151.0
+# Kernel values at or below 2^-126, float32's smallest normal number, count as 0 (the winner's value is 1):
+# the flush-to-zero convention of GPU fast math. Denormals are negligible, and slow: torch's vectorised
+# exp2 takes a microcode path for arguments below -126, 3.5x slower on this project's CPU, and most
+# entries of a trained codebook's kernel lie there. With this convention a group of codes whose largest
+# exponent is <= -126 holds exact zeros, and skipping it changes nothing.
+DEAD_EXPONENT = -126.0
 # 1 / tau is capped here (in log2 units): a tau so small that its inverse overflows float32 is the vq limit
 # already (every distance gap above ~1e-36 underflows), and an inf would turn the winner's 0 gap into NaN.
 MAX_INVERSE_TEMPERATURE = 1e38
-# Rows x K_pad of the kernel block per chunk: 2 MiB, so the passes over it (exponential, row sums, clipping)
-# run from cache. Larger blocks did not make the matmuls faster (2-core CPU, K = 1024 to 65,536).
-NSVQ_CHUNK_ELEMENTS = 2**19
 # A chunk takes the sparse path when at most this fraction of its (row, code group) pairs is live: there
-# the live groups are gathered, and only their nonzero weights enter the sums (an index_add, no matmul).
-SPARSE_PAIR_FRACTION = 1 / 16
+# the live groups are gathered, and only their live entries enter the sums (an index_add, no matmul).
+# Measured (K = 1024 and 8192): the sparse path wins below ~50% live pairs, and loses 4x when all are live.
+SPARSE_PAIR_FRACTION = 0.25
 
 STRAIGHT_THROUGH = ("standard", "paper")
 RULES = ("dense", "routing")
@@ -68,39 +73,39 @@ TAU_MODES = ("absolute", "relative")
 def inverse_temperature(tau: float) -> float:
     """``log2(e) / tau``: the kernel is computed as ``exp2(-(d - d_min) * log2(e) / tau)``.
 
-    exp2 is a third cheaper than exp in torch's vectorised CPU kernels. A tau that has underflowed to 0 (a
-    long exponential schedule) gives the cap, i.e. plain vq.
+    exp2 costs ~40% less than exp in torch's vectorised CPU kernels (measured). A tau that has underflowed
+    to 0 (a long exponential schedule) gives the cap, i.e. plain vq.
     """
     if not (tau >= 0 and math.isfinite(tau)):
-        raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
+        raise ValueError(f"tau must be a finite number >= 0 (0 is the plain vq limit), got {tau!r}")
     log2_e = 1.0 / math.log(2.0)
     return MAX_INVERSE_TEMPERATURE if tau * MAX_INVERSE_TEMPERATURE <= log2_e else log2_e / tau
 
 
-def _kernel_weights_(
-    entries: Tensor, best: Tensor, inverse_temp: float, kernel_mass: float, owner: Tensor | None = None
-) -> Tensor:
-    """Turn score entries into the factored weights, in place: ``w = g * x`` with ``x = min(exp2(-(e - e_min)
-    * inverse_temp), 1 / g)`` written into ``entries`` and ``g`` (per latent) returned.
+def _kernel_weights_(exponents: Tensor, kernel_mass: float, owner: Tensor | None = None, rows: int = 0) -> Tensor:
+    """Turn kernel exponents into the factored weights, in place: ``w = g * x`` with
+    ``x = min(exp2(exponent), 1 / g)`` written over ``exponents`` and ``g`` (per latent) returned.
 
     Args:
-        entries: ``[rows, K_pad]`` scores (dense), or ``[P, ARGMIN_GROUP]`` score groups of live pairs.
-        best: ``[rows]`` row minima of the scores.
-        inverse_temp: :func:`inverse_temperature` of tau.
+        exponents: ``[rows, K_pad]`` (dense), or ``[E]`` live entries of ``rows`` latents (sparse);
+            ``-(e - e_min) * inverse_temp``, so the winner's is 0.
         kernel_mass: ``lambda * K``.
-        owner: ``long [P]``, the latent row of each group of entries (sparse), or None (dense).
+        owner: ``long [E]``, the latent row of each live entry (sparse), or None (dense).
+        rows: number of latents (sparse).
 
     Returns:
         ``[rows]`` row scales ``g = lambda K / sum_k exp(-(d_k - d_min) / tau)``.
     """
-    row_best = best if owner is None else best[owner]
-    entries.sub_(row_best.unsqueeze(1)).mul_(-inverse_temp).exp2_()
-    mass = entries.sum(1) if owner is None else best.new_zeros(best.shape).index_add_(0, owner, entries.sum(1))
+    kernel = exponents.exp2_()
+    if owner is None:
+        mass = kernel.sum(1)
+    else:
+        mass = kernel.new_zeros(rows).index_add_(0, owner, kernel)
     row_scale = kernel_mass / mass
     # w = min(1, g x) = g min(x, 1/g); x <= 1 everywhere, so only rows with g > 1 can clip.
     cap = row_scale.reciprocal()
     if bool((cap < 1).any()):
-        entries.clamp_max_((cap if owner is None else cap[owner]).unsqueeze(1))
+        kernel.clamp_max_(cap.unsqueeze(1) if owner is None else cap.index_select(0, owner))
     return row_scale
 
 
@@ -110,7 +115,7 @@ def kernel_code_sums(
     values: Tensor,
     inverse_temp: float,
     kernel_mass: float,
-    chunk_elements: int = NSVQ_CHUNK_ELEMENTS,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> tuple[Tensor, Tensor]:
     """``W_soft^T values`` for NS-VQ's kernel weights (``N x K``, never stored whole), and the nearest codes.
 
@@ -124,7 +129,7 @@ def kernel_code_sums(
         values: ``[N, R]`` float32, the right-hand side.
         inverse_temp: :func:`inverse_temperature` of tau.
         kernel_mass: ``lambda * K``.
-        chunk_elements: rows per chunk times K_pad.
+        chunk_elements: rows per chunk times K_pad (see :func:`chunk_rows`).
 
     Returns:
         ``[K, R]`` float32 sums and ``long [N]`` nearest codes (identical to :func:`nearest_codes`).
@@ -133,7 +138,7 @@ def kernel_code_sums(
     codes, sq_norms = search_codebook(codebook)
     padded = codes.shape[0]
     num_groups = padded // ARGMIN_GROUP
-    rows = max(1, min(n, chunk_elements // padded))
+    rows = chunk_rows(n, padded, chunk_elements)
     buffer = latents.new_empty(rows, padded)
     # Transposed: the matmul then reads the kernel block row-major, as it was written (measured faster).
     sums_t = latents.new_zeros(width, padded)
@@ -146,24 +151,30 @@ def kernel_code_sums(
         scores = torch.addmm(sq_norms, chunk, codes.t(), beta=1.0, alpha=-2.0, out=buffer[: chunk.shape[0]])
         best, nearest, group_minima = grouped_argmin(scores)
         indices[start:stop] = nearest
-        # The float32 operations of _kernel_weights_, on the group minima: by monotone rounding, no entry's
-        # exponent exceeds its group's, so a dead group holds exact zeros only.
-        live = (group_minima - best.unsqueeze(1)).mul_(-inverse_temp) >= DEAD_EXPONENT
-        pair_rows, pair_groups = live.nonzero(as_tuple=True)
-        if pair_rows.numel() <= SPARSE_PAIR_FRACTION * live.numel():
-            kernel = scores.unflatten(1, (num_groups, ARGMIN_GROUP))[pair_rows, pair_groups]
-            row_scale = _kernel_weights_(kernel, best, inverse_temp, kernel_mass, owner=pair_rows)
-            # Inside live groups most entries underflow too: keep the nonzero ones, minus the winners.
-            pair, offset = kernel.nonzero(as_tuple=True)
-            row, code = pair_rows[pair], pair_groups[pair] * ARGMIN_GROUP + offset
-            neighbour = code != nearest[row]
-            row, code = row[neighbour], code[neighbour]
-            weight = kernel[pair[neighbour], offset[neighbour]] * row_scale[row]
+        # The exponent's float32 operations, on the group minima: by monotone rounding, no entry's exponent
+        # exceeds its group's, so a dead group holds exact zeros only.
+        live = (group_minima - best.unsqueeze(1)).mul_(-inverse_temp) > DEAD_EXPONENT
+        if int(live.sum()) <= SPARSE_PAIR_FRACTION * live.numel():
+            pair_rows, pair_groups = live.nonzero(as_tuple=True)
+            # index_select on flat views throughout: torch's advanced indexing costs several times more.
+            pairs = pair_rows * num_groups + pair_groups
+            exponents = scores.view(-1, ARGMIN_GROUP).index_select(0, pairs)
+            exponents.sub_(best.index_select(0, pair_rows).unsqueeze(1)).mul_(-inverse_temp)
+            # Inside live groups most entries are dead too: keep the live ones only.
+            entries = (exponents.view(-1) > DEAD_EXPONENT).nonzero().squeeze(1)
+            pair = entries // ARGMIN_GROUP
+            row = pair_rows.index_select(0, pair)
+            code = pair_groups.index_select(0, pair) * ARGMIN_GROUP + entries % ARGMIN_GROUP
+            kernel = exponents.view(-1).index_select(0, entries)
+            row_scale = _kernel_weights_(kernel, kernel_mass, owner=row, rows=chunk.shape[0])
+            # The winners' weight enters the loss elsewhere: zero here (cheaper than filtering them out).
+            kernel.mul_(row_scale.index_select(0, row)).mul_(code != nearest.index_select(0, row))
             if sparse_sums is None:
                 sparse_sums = latents.new_zeros(padded, width)
-            sparse_sums.index_add_(0, code, values[start + row] * weight.unsqueeze(1))
+            sparse_sums.index_add_(0, code, values.index_select(0, row + start).mul_(kernel.unsqueeze(1)))
         else:
-            row_scale = _kernel_weights_(scores, best, inverse_temp, kernel_mass)
+            exponents = scores.sub_(best.unsqueeze(1)).mul_(-inverse_temp)
+            row_scale = _kernel_weights_(F.threshold_(exponents, DEAD_EXPONENT, -math.inf), kernel_mass)
             scores.scatter_(1, nearest.unsqueeze(1), 0.0)
             sums_t.addmm_((values[start:stop] * row_scale.unsqueeze(1)).t(), scores)
     sums = sums_t.t() if sparse_sums is None else sums_t.t() + sparse_sums
@@ -280,7 +291,7 @@ class NonStationaryVQ(Quantizer):
         straight_through: str = "standard",
         rule: str = "dense",
         distance_ema_decay: float = 0.99,
-        chunk_elements: int = NSVQ_CHUNK_ELEMENTS,
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
         **tau_schedule_options,
     ):
         super().__init__(codebook_size, dim, beta)
