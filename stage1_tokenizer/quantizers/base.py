@@ -105,6 +105,25 @@ class Quantizer(nn.Module):
         codes = F.embedding(indices.long(), self.codebook)
         return codes.permute(0, 3, 1, 2).contiguous()
 
+    def output(self, z: Tensor, quantized: Tensor, indices: Tensor, loss: Tensor) -> QuantizerOutput:
+        """Pack flat ``[N, D]`` quantized latents and ``[N]`` indices into the ``[B, D, H, W]`` contract."""
+        return QuantizerOutput(
+            quantized=self.unflatten(quantized, z),
+            indices=indices.view(z.shape[0], z.shape[2], z.shape[3]),
+            loss=loss,
+            perplexity=self.perplexity(indices),
+        )
+
+    def quantize_with_table(self, z: Tensor, codebook: Tensor) -> QuantizerOutput:
+        """Nearest code of ``codebook``, VQ-VAE loss, straight-through: the whole forward of every quantizer
+        whose only difference is where its ``[K, D]`` table comes from (vq, simvq, transvq). ``codebook`` is
+        passed in so that a computed one is computed once per forward."""
+        flat = self.flatten(z)
+        indices = nearest_codes(flat, codebook)
+        q = F.embedding(indices, codebook)
+        loss = commitment_and_codebook_loss(flat, q, self.beta)
+        return self.output(z, straight_through(flat, q.to(flat.dtype)), indices, loss)
+
     def perplexity(self, indices: Tensor) -> Tensor:
         counts = torch.bincount(indices.reshape(-1), minlength=self.codebook_size).float()
         probs = counts / counts.sum().clamp_min(1)

@@ -81,12 +81,7 @@ class EMAQuantizer(Quantizer):
         q = F.embedding(indices, self.embedding)
         loss = self.beta * F.mse_loss(flat.float(), q)
         quantized = straight_through(flat, q.to(flat.dtype))
-        return QuantizerOutput(
-            quantized=self.unflatten(quantized, z),
-            indices=indices.view(z.shape[0], z.shape[2], z.shape[3]),
-            loss=loss,
-            perplexity=self.perplexity(indices),
-        )
+        return self.output(z, quantized, indices, loss)
 
     @torch.no_grad()
     def _update_codebook(self, flat: Tensor, indices: Tensor) -> None:

@@ -59,9 +59,4 @@ class FactorizedQuantizer(Quantizer):
             chosen = F.embedding(indices, codes)
             loss = commitment_and_codebook_loss(latents, chosen, self.beta)
             quantized = self.project_up(straight_through(latents, chosen)).to(flat.dtype)
-        return QuantizerOutput(
-            quantized=self.unflatten(quantized, z),
-            indices=indices.view(z.shape[0], z.shape[2], z.shape[3]),
-            loss=loss,
-            perplexity=self.perplexity(indices),
-        )
+        return self.output(z, quantized, indices, loss)

@@ -372,12 +372,7 @@ class NonStationaryVQ(Quantizer):
             quantized = RouteToNeighbours.apply(
                 quantized, self.codebook, latents, inverse_temp, kernel_mass, self.chunk_elements
             )
-        return QuantizerOutput(
-            quantized=self.unflatten(quantized, z),
-            indices=indices.view(z.shape[0], z.shape[2], z.shape[3]),
-            loss=loss,
-            perplexity=self.perplexity(indices),
-        )
+        return self.output(z, quantized, indices, loss)
 
     def _temperature(self, latents: Tensor) -> float:
         tau = self.tau_schedule(self.step)

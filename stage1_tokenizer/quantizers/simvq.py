@@ -12,10 +12,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Quantizer, QuantizerOutput, commitment_and_codebook_loss, nearest_codes, straight_through
+from .base import Quantizer, QuantizerOutput
 
 
 class SimVQ(Quantizer):
@@ -74,15 +73,4 @@ class SimVQ(Quantizer):
             return self._compute_codebook().clone()
 
     def forward(self, z: Tensor) -> QuantizerOutput:
-        flat = self.flatten(z)
-        codebook = self.codebook  # once per forward: argmin and lookup share one matmul
-        indices = nearest_codes(flat, codebook)
-        q = F.embedding(indices, codebook)
-        loss = commitment_and_codebook_loss(flat, q, self.beta)
-        quantized = straight_through(flat, q.to(flat.dtype))
-        return QuantizerOutput(
-            quantized=self.unflatten(quantized, z),
-            indices=indices.view(z.shape[0], z.shape[2], z.shape[3]),
-            loss=loss,
-            perplexity=self.perplexity(indices),
-        )
+        return self.quantize_with_table(z, self.codebook)

@@ -3,11 +3,9 @@ straight-through gradients, codebook + commitment loss."""
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Quantizer, QuantizerOutput, commitment_and_codebook_loss, nearest_codes, straight_through
+from .base import Quantizer, QuantizerOutput
 
 
 class VectorQuantizer(Quantizer):
@@ -31,14 +29,4 @@ class VectorQuantizer(Quantizer):
         return self.embedding.weight
 
     def forward(self, z: Tensor) -> QuantizerOutput:
-        flat = self.flatten(z)
-        indices = nearest_codes(flat, self.codebook)
-        q = F.embedding(indices, self.codebook)
-        loss = commitment_and_codebook_loss(flat, q, self.beta)
-        quantized = straight_through(flat, q.to(flat.dtype))
-        return QuantizerOutput(
-            quantized=self.unflatten(quantized, z),
-            indices=indices.view(z.shape[0], z.shape[2], z.shape[3]),
-            loss=loss,
-            perplexity=self.perplexity(indices),
-        )
+        return self.quantize_with_table(z, self.codebook)
