@@ -13,27 +13,17 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 
 import stage2_prior.training as training
-from stage1_tokenizer import VQTokenizer
 from stage1_tokenizer.checkpoints import NonFiniteLossError
 from stage2_prior import ImageTokenPrior, build_prior, load_token_dataset, tokenize_dataset
 from stage2_prior.conditioning import AttributeClasses
 from stage2_prior.training import MicroBatches, PriorTrainingConfig, train_prior
+from helpers import random_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_tokenizer(seed=0):
-    torch.manual_seed(seed)
-    return VQTokenizer(
-        sample_size=32,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(8, 8, 8),
-        norm_num_groups=4,
-        latent_channels=4,
-        mid_block_add_attention=False,
-        codebook_size=16,
-    ).eval()
+    return random_tiny_tokenizer(seed)
 
 
 @pytest.fixture(scope="module")

@@ -7,23 +7,14 @@ import stage2_prior.token_dataset as token_dataset
 from stage1_tokenizer import VQTokenizer
 from stage1_tokenizer.data import load_image_dataset
 from stage2_prior import load_token_dataset, tokenize_dataset, tokenizer_fingerprint
+from helpers import random_tiny_tokenizer
 
 NUM_IMAGES = 24  # 18 train, 2 validation, 4 test images
 SIZE = 32
 
 
 def tiny_tokenizer(seed=0):
-    torch.manual_seed(seed)
-    return VQTokenizer(
-        sample_size=SIZE,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(8, 8, 8),
-        norm_num_groups=4,
-        latent_channels=4,
-        mid_block_add_attention=False,
-        codebook_size=16,
-    ).eval()
+    return random_tiny_tokenizer(seed)
 
 
 @pytest.fixture(scope="module")
