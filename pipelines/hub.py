@@ -117,6 +117,14 @@ def _sampling_call(prior: ImageTokenPrior) -> str:
     return "batch_size=4, generator=torch.Generator().manual_seed(0)"
 
 
+def _data_and_measured(datasets: list[str] | None, metrics: dict[str, float] | None) -> list[str]:
+    """The card lines every kind shares after its property table: the training data row, the measured numbers."""
+    lines = [f"| training data | {', '.join(datasets)} |"] if datasets else []
+    if metrics:
+        lines += ["", "## Measured", "", *_measured_table(metrics)]
+    return lines
+
+
 def prior_card_text(
     prior: ImageTokenPrior,
     metrics: dict[str, float] | None = None,
@@ -156,10 +164,7 @@ def prior_card_text(
         "| --- | --- |",
         *_prior_rows(prior),
     ]
-    if datasets:
-        body.append(f"| training data | {', '.join(datasets)} |")
-    if metrics:
-        body += ["", "## Measured", "", *_measured_table(metrics)]
+    body += _data_and_measured(datasets, metrics)
     body += [
         "",
         "## Usage",
@@ -254,10 +259,7 @@ def pipeline_card_text(
         f"| image size | {size} x {size} |",
         *_prior_rows(prior),
     ]
-    if datasets:
-        body.append(f"| training data | {', '.join(datasets)} |")
-    if metrics:
-        body += ["", "## Measured", "", *_measured_table(metrics)]
+    body += _data_and_measured(datasets, metrics)
     body += [
         "",
         "## Usage",
