@@ -32,7 +32,7 @@ import yaml
 from accelerate import PartialState
 
 from stage1_tokenizer import VQTokenizer
-from stage1_tokenizer.config import TokenizerTrainingConfig, load_config, save_config
+from stage1_tokenizer.config import TokenizerTrainingConfig, load_config
 from stage1_tokenizer.data import load_image_dataset, save_image_grid
 from stage1_tokenizer.evaluation import evaluate_tokenizer, plot_code_usage
 from stage1_tokenizer.metrics import ReconstructionMetrics
@@ -165,13 +165,18 @@ def run_end_to_end(cfg: EndToEndConfig) -> dict[str, Any]:
             timings_path.write_text(json.dumps(timings, indent=2))
         return result
 
-    tok_dir = out / "tokenizer" / "tokenizer"
-    if _finished(tok_dir):
-        logger.info("stage one already finished: %s", tok_dir)
-    else:
-        tok_cfg = dataclasses.replace(cfg.tokenizer, resume_from_checkpoint=_resume_spec(out / "tokenizer"))
-        timed("tokenizer_training", train_tokenizer, tok_cfg)
-    state.wait_for_everyone()
+    def train_stage(stage: str, train, stage_cfg, run_dir: Path) -> Path:
+        """Train a stage unless its final model folder exists; an interrupted one resumes from its last
+        checkpoint. Returns the model folder (``<run_dir>/<run_dir.name>``, as both trainers write it)."""
+        model_dir = run_dir / run_dir.name
+        if _finished(model_dir):
+            logger.info("%s already finished: %s", stage, model_dir)
+        else:
+            timed(stage, train, dataclasses.replace(stage_cfg, resume_from_checkpoint=_resume_spec(run_dir)))
+        state.wait_for_everyone()
+        return model_dir
+
+    tok_dir = train_stage("tokenizer_training", train_tokenizer, cfg.tokenizer, out / "tokenizer")
 
     if state.is_main_process:
         timed("tokenization", tokenize_dataset, str(tok_dir), cfg.tokenizer.dataset, out / "tokens",
@@ -180,13 +185,7 @@ def run_end_to_end(cfg: EndToEndConfig) -> dict[str, Any]:
               seed=cfg.tokenizer.data_seed, cache_dir=cfg.tokenizer.cache_dir)
     state.wait_for_everyone()
 
-    prior_dir = out / "prior" / "prior"
-    if _finished(prior_dir):
-        logger.info("stage two already finished: %s", prior_dir)
-    else:
-        prior_cfg = dataclasses.replace(cfg.prior, resume_from_checkpoint=_resume_spec(out / "prior"))
-        timed("prior_training", train_prior, prior_cfg)
-    state.wait_for_everyone()
+    prior_dir = train_stage("prior_training", train_prior, cfg.prior, out / "prior")
 
     metrics: dict[str, Any] = {}
     if state.is_main_process:
