@@ -199,6 +199,7 @@ class FIDAccumulator:
     def __init__(self, device: str | torch.device = "cpu", keep_real: bool = False):
         fid, source = offline_frechet_inception_distance(reset_real_features=not keep_real)
         self.fid = fid.to(device)
+        self.keep_real = keep_real
         self.weights_source = source
         self.device = torch.device(device)
 
@@ -297,8 +298,12 @@ class ReconstructionMetrics:
         self.psnr = PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3)).to(self.device)
 
     @torch.no_grad()
-    def update(self, real: Tensor, recon: Tensor) -> None:
-        """Add a batch of inputs and their reconstructions, both ``[B, 3, H, W]`` in ``[-1, 1]``."""
+    def update(self, real: Tensor, recon: Tensor, fid_real: bool = True) -> None:
+        """Add a batch of inputs and their reconstructions, both ``[B, 3, H, W]`` in ``[-1, 1]``.
+
+        ``fid_real=False`` skips the Inception pass over ``real``: with ``keep_real_fid`` the real statistics
+        of an earlier pass over the same images are still there (several tokenizers, one reference).
+        """
         check_images(real, "real")
         check_images(recon, "recon")
         if real.shape != recon.shape:
@@ -306,7 +311,8 @@ class ReconstructionMetrics:
         real = real.to(self.device).float()
         recon = recon.to(self.device).float()
         if self.fid is not None:
-            self.fid.update_real(real)
+            if fid_real:
+                self.fid.update_real(real)
             self.fid.update_fake(recon)
         self.lpips_mean.update(self.lpips(real.clamp(-1, 1), recon.clamp(-1, 1)))
         real_unit, recon_unit = images_to_unit_range(real), images_to_unit_range(recon)

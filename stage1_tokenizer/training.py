@@ -71,6 +71,15 @@ def build_lr_scheduler(
     return LambdaLR(optimizer, exponential)
 
 
+def build_loss(cfg: TokenizerTrainingConfig) -> VQGANLoss:
+    """The training loss (pixel, LPIPS, quantizer and GAN terms, with their weights) that ``cfg`` names."""
+    return VQGANLoss(
+        pixel_loss=cfg.pixel_loss, pixel_weight=cfg.pixel_weight, perceptual_weight=cfg.perceptual_weight,
+        quantizer_weight=cfg.quantizer_weight, gan_weight=cfg.gan_weight, gan_start_step=cfg.disc_start_step,
+        discriminator_channels=cfg.disc_channels, discriminator_layers=cfg.disc_layers,
+    )
+
+
 @contextmanager
 def discriminator_view(loss: VQGANLoss, discriminator: nn.Module, trainable: bool):
     """Let ``loss`` use ``discriminator`` (bare or DDP-wrapped), with trainable or frozen parameters.
@@ -201,11 +210,7 @@ def train_tokenizer(cfg: TokenizerTrainingConfig) -> dict:
 
     # -- models, optimizers, schedules --------------------------------------------------------------
     tokenizer = VQTokenizer(**cfg.tokenizer_kwargs())
-    loss = VQGANLoss(
-        pixel_loss=cfg.pixel_loss, pixel_weight=cfg.pixel_weight, perceptual_weight=cfg.perceptual_weight,
-        quantizer_weight=cfg.quantizer_weight, gan_weight=cfg.gan_weight, gan_start_step=cfg.disc_start_step,
-        discriminator_channels=cfg.disc_channels, discriminator_layers=cfg.disc_layers,
-    ).to(accelerator.device)
+    loss = build_loss(cfg).to(accelerator.device)
     betas = (cfg.adam_beta1, cfg.adam_beta2)
     trainable = [p for p in tokenizer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, betas=betas, weight_decay=cfg.weight_decay)
