@@ -270,10 +270,47 @@ def plot_usage_curves(counts: dict[str, torch.Tensor], path: str | Path) -> None
     plt.close(fig)
 
 
+def training_curve(run: str | Path, tag: str = "usage/epoch_utilisation") -> list[tuple[int, float]]:
+    """``[(step, value), ...]`` of one scalar that a training run logged to TensorBoard (``<run>/logs``),
+    merged over every event file (a resumed run writes several; the newest value of a step wins).
+    Empty when the run has no logs or never logged ``tag``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values: dict[int, tuple[float, float]] = {}  # step -> (wall time, value)
+    for events in sorted(Path(run, "logs").glob("**/events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        if tag not in accumulator.Tags()["scalars"]:
+            continue
+        for event in accumulator.Scalars(tag):
+            if event.step not in values or event.wall_time >= values[event.step][0]:
+                values[event.step] = (event.wall_time, event.value)
+    return [(step, values[step][1]) for step in sorted(values)]
+
+
+def plot_training_curves(curves: dict[str, list[tuple[int, float]]], path: str | Path,
+                         ylabel: str = "codebook utilisation per epoch") -> None:
+    """One line per run (skipping runs without points), step on the x axis."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for name, points in curves.items():
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, marker="o", markersize=3, label=name)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def run_comparison(cfg: TokenizerComparisonConfig) -> dict[str, Any]:
     """Load every run of ``cfg``, compare them on one split, write comparison.{json,md}, reconstructions.png
-    (inputs, then one row per tokenizer) and code_usage.png; return the JSON dict."""
-    tokenizers, training = {}, {}
+    (inputs, then one row per tokenizer), code_usage.png and, for training runs that logged it,
+    usage_during_training.png (utilisation of every epoch); return the JSON dict."""
+    tokenizers, training, curves = {}, {}, {}
     for position, run in enumerate(cfg.runs):
         folder, train_result = resolve_run(run)
         tokenizer = VQTokenizer.from_pretrained(folder)
@@ -283,6 +320,8 @@ def run_comparison(cfg: TokenizerComparisonConfig) -> dict[str, Any]:
         tokenizers[name] = tokenizer
         training[name] = {"source": str(run), "quantizer": tokenizer.config.quantizer,
                           "codebook_size": tokenizer.config.codebook_size}
+        curves[name] = training_curve(run) if train_result is not None else []
+        training[name]["epoch_utilisation"] = curves[name]
         if train_result is not None and train_result.get("steps_per_second"):
             training[name]["steps"] = train_result["steps"]
             training[name]["seconds_per_step"] = 1.0 / train_result["steps_per_second"]
@@ -302,6 +341,8 @@ def run_comparison(cfg: TokenizerComparisonConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     save_image_grid(grid, out / "reconstructions.png", nrow=grid.shape[0] // (len(tokenizers) + 1))
     plot_usage_curves(counts, out / "code_usage.png")
+    if any(curves.values()):
+        plot_training_curves(curves, out / "usage_during_training.png")
     recipe = cfg.recipe(next(iter(results.values()))["num_images"], metrics)
     recipe["rfid"]["reference"] = "the real images' Inception statistics, computed once, shared by every row"
     record = {"metrics": results, "tokenizers": training, "recipe": recipe,

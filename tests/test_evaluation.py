@@ -19,6 +19,7 @@ from stage1_tokenizer.evaluation import (
     metrics_table,
     resolve_run,
     run_comparison,
+    training_curve,
 )
 from stage1_tokenizer.metrics import ReconstructionMetrics
 
@@ -130,3 +131,21 @@ def test_comparison_config_and_run_errors(tmp_path):
 def test_metrics_table_marks_missing_columns():
     table = metrics_table({"a": {"rfid": 1.23456, "steps": 3}}, columns=("rfid", "steps", "psnr"))
     assert table.splitlines()[2] == "| a | 1.235 | 3 | - |"
+
+
+def test_training_curve_merges_resumed_event_files(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    first = SummaryWriter(tmp_path / "logs" / "tokenizer" / "a")
+    for step, value in ((375, 0.5), (750, 0.25)):
+        first.add_scalar("usage/epoch_utilisation", value, step)
+    first.add_scalar("loss/total", 9.0, 375)
+    first.close()
+    resumed = SummaryWriter(tmp_path / "logs" / "tokenizer" / "b")  # a resumed run repeats step 750
+    for step, value in ((750, 0.75), (1125, 1.0)):
+        resumed.add_scalar("usage/epoch_utilisation", value, step)
+    resumed.close()
+    assert training_curve(tmp_path) == [(375, 0.5), (750, 0.75), (1125, 1.0)]
+    assert training_curve(tmp_path, "loss/total") == [(375, 9.0)]
+    assert training_curve(tmp_path, "no/such/tag") == []
+    assert training_curve(tmp_path / "missing") == []
