@@ -7,6 +7,7 @@ the ratio to vq; this is the "time per step" column of the paper comparison in d
 
     python benchmarks/train_step_benchmark.py --config configs/tokenizer_paper_cpu64.yaml --threads 1
     python benchmarks/train_step_benchmark.py --quantizers vq nsvq --repeats 20
+    python benchmarks/train_step_benchmark.py --config configs/tokenizer_paper_celebahq64.yaml --num_images 8000
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
         self.optimizer.step()
         self.global_step += 1
-        return float(loss)
+        return float(loss.detach())
 
 
 def main() -> None:
@@ -64,12 +65,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed steps per quantizer")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--num_images", type=int, default=None,
+                        help="size of the image source (default: the config's); only one batch is used")
     args = parser.parse_args()
     if "vq" not in args.quantizers:
         parser.error("--quantizers must include vq, the reference of the ratios")
     if args.threads:
         torch.set_num_threads(args.threads)
     base = TokenizerTrainingConfig(**read_config_file(TokenizerTrainingConfig, args.config))
+    if args.num_images is not None:
+        base = dataclasses.replace(base, num_images=args.num_images)
     dataset = load_image_dataset(base.dataset, split="train", image_size=base.image_size,
                                  num_images=base.num_images, seed=base.data_seed, cache_dir=base.cache_dir)
     images = torch.stack([dataset[i]["pixel_values"] for i in range(base.batch_size)])
