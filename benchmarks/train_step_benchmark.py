@@ -20,7 +20,7 @@ import time
 import torch
 
 from stage1_tokenizer import VQTokenizer
-from stage1_tokenizer.config import TokenizerTrainingConfig, read_config_file
+from stage1_tokenizer.config import TokenizerTrainingConfig, load_config
 from stage1_tokenizer.data import load_image_dataset
 from stage1_tokenizer.training import build_loss
 
@@ -72,9 +72,8 @@ def main() -> None:
         parser.error("--quantizers must include vq, the reference of the ratios")
     if args.threads:
         torch.set_num_threads(args.threads)
-    base = TokenizerTrainingConfig(**read_config_file(TokenizerTrainingConfig, args.config))
-    if args.num_images is not None:
-        base = dataclasses.replace(base, num_images=args.num_images)
+    overrides = [] if args.num_images is None else ["--num_images", str(args.num_images)]
+    base = load_config(TokenizerTrainingConfig, ["--config", args.config, *overrides])
     dataset = load_image_dataset(base.dataset, split="train", image_size=base.image_size,
                                  num_images=base.num_images, seed=base.data_seed, cache_dir=base.cache_dir)
     images = torch.stack([dataset[i]["pixel_values"] for i in range(base.batch_size)])

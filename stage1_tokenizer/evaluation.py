@@ -113,7 +113,7 @@ def evaluate_tokenizer(
         recon = out.reconstruction.float().clamp(-1, 1)
         metrics.update(images, recon, fid_real=fid_real)
         usage.update(out.indices)
-        missing = grid_images - sum(len(batch) for batch in inputs)
+        missing = grid_images - sum(len(part) for part in inputs)
         if missing > 0:
             inputs.append(images[:missing].cpu())
             recons.append(recon[:missing].cpu())
@@ -124,10 +124,15 @@ def evaluate_tokenizer(
     return results, usage.counts.cpu(), grid
 
 
+def _ranked_hits(counts: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Code-hit counts sorted from most to least used, and how many codes were hit at all."""
+    counts = counts.double().sort(descending=True).values
+    return counts, int((counts > 0).sum())
+
+
 def plot_code_usage(counts: torch.Tensor, path: str | Path, title: str = "") -> None:
     """Bar plot of code-hit counts sorted from most to least used (dead codes show as the zero tail)."""
-    counts = counts.double().sort(descending=True).values
-    used = int((counts > 0).sum())
+    counts, used = _ranked_hits(counts)
     fig, ax = plt.subplots(figsize=(7, 3))
     ax.bar(range(len(counts)), counts.numpy(), width=1.0, color="#3b6ea5")
     ax.set_yscale("symlog", linthresh=1)
@@ -258,8 +263,7 @@ def plot_usage_curves(counts: dict[str, torch.Tensor], path: str | Path) -> None
     """Code-hit counts sorted from most to least used, one line per tokenizer, on one log-scale plot."""
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for name, hits in counts.items():
-        hits = hits.double().sort(descending=True).values
-        used = int((hits > 0).sum())
+        hits, used = _ranked_hits(hits)
         ax.plot(range(1, len(hits) + 1), hits.numpy(), label=f"{name} ({used}/{len(hits)})")
     ax.set_yscale("symlog", linthresh=1)
     ax.set_xlabel("code rank (most used first)")
@@ -310,7 +314,7 @@ def run_comparison(cfg: TokenizerComparisonConfig) -> dict[str, Any]:
     """Load every run of ``cfg``, compare them on one split, write comparison.{json,md}, reconstructions.png
     (inputs, then one row per tokenizer), code_usage.png and, for training runs that logged it,
     usage_during_training.png (utilisation of every epoch); return the JSON dict."""
-    tokenizers, training, curves = {}, {}, {}
+    tokenizers, training = {}, {}
     for position, run in enumerate(cfg.runs):
         folder, train_result = resolve_run(run)
         tokenizer = VQTokenizer.from_pretrained(folder)
@@ -320,8 +324,7 @@ def run_comparison(cfg: TokenizerComparisonConfig) -> dict[str, Any]:
         tokenizers[name] = tokenizer
         training[name] = {"source": str(run), "quantizer": tokenizer.config.quantizer,
                           "codebook_size": tokenizer.config.codebook_size}
-        curves[name] = training_curve(run) if train_result is not None else []
-        training[name]["epoch_utilisation"] = curves[name]
+        training[name]["epoch_utilisation"] = training_curve(run) if train_result is not None else []
         if train_result is not None and train_result.get("steps_per_second"):
             training[name]["steps"] = train_result["steps"]
             training[name]["seconds_per_step"] = 1.0 / train_result["steps_per_second"]
@@ -341,6 +344,7 @@ def run_comparison(cfg: TokenizerComparisonConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     save_image_grid(grid, out / "reconstructions.png", nrow=grid.shape[0] // (len(tokenizers) + 1))
     plot_usage_curves(counts, out / "code_usage.png")
+    curves = {name: info["epoch_utilisation"] for name, info in training.items()}
     if any(curves.values()):
         plot_training_curves(curves, out / "usage_during_training.png")
     recipe = cfg.recipe(next(iter(results.values()))["num_images"], metrics)

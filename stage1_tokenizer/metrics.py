@@ -199,9 +199,13 @@ class FIDAccumulator:
     def __init__(self, device: str | torch.device = "cpu", keep_real: bool = False):
         fid, source = offline_frechet_inception_distance(reset_real_features=not keep_real)
         self.fid = fid.to(device)
-        self.keep_real = keep_real
         self.weights_source = source
         self.device = torch.device(device)
+
+    @property
+    def keep_real(self) -> bool:
+        """Whether :meth:`reset` keeps the real statistics."""
+        return not self.fid.reset_real_features
 
     @torch.no_grad()
     def update_real(self, images: Tensor) -> None:

@@ -27,16 +27,6 @@ from stage1_tokenizer.drift import (
 from stage1_tokenizer.quantizers import QUANTIZERS, build_quantizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run on one torch thread, restored afterwards. On this shared 2-core machine under load, two threads
-    made a 20-step toy training 40x slower (13 s vs 0.3 s, measured): the OpenMP workers wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_translation_mean_moves_along_a_straight_path():
     stream = TranslationStream(dim=4, steps=11, batch_size=8, seed=0, travel=5.0)
     assert torch.equal(stream.mean(0), torch.zeros(4))

@@ -11,16 +11,6 @@ from stage1_tokenizer.quantizers.base import squared_distances
 from stage1_tokenizer.quantizers.transvq import TransVQ, feature_map, linear_attention
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run on one torch thread, restored afterwards. On this shared 2-core machine under load, two threads
-    made a 20-step toy training 40x slower (13 s vs 0.3 s, measured): the OpenMP workers wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small_transvq(seed: int = 0, codebook_size: int = 64, dim: int = 8, width: int = 32) -> TransVQ:
     torch.manual_seed(seed)
     return build_quantizer("transvq", codebook_size=codebook_size, dim=dim, width=width)
